@@ -1,0 +1,1 @@
+"""jfl: JanusFlow in JAX/Flax."""

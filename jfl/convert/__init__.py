@@ -1,0 +1,1 @@
+"""PyTorch/HF/diffusers checkpoints <-> jfl params."""
