@@ -16,5 +16,6 @@ setuptools.setup(
     ],
     entry_points={"console_scripts": [
         "jfl-convert=jfl.cli.convert:main",
+        "jfl-export=jfl.cli.convert:export_main",
     ]},
 )

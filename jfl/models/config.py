@@ -38,7 +38,7 @@ class SiglipConfig:
 
   @property
   def num_blocks(self) -> int:
-    return min(self.depth, self.depth + self.select_layer + 1) if self.select_layer <= 0 else self.select_layer
+    return min(self.depth, self.depth + self.select_layer + 1) if self.select_layer <= 0 else min(self.depth, self.select_layer)
 
   @property
   def grid(self) -> int:

@@ -24,27 +24,43 @@ def param_init(init, axes: Sequence[str | None]):
   return nn.with_logical_partitioning(init, tuple(axes))
 
 
-def dense(features, axes, name, use_bias=True, dtype=jnp.float32, in_axis=-1, bias_axes=None):
-  """A `DenseGeneral` whose kernel and bias carry logical axis names.
+class DenseGeneral(nn.Module):
+  """`y = x . kernel + bias` contracting the trailing `len(in_axes)` dims of x.
+
+  The kernel is created at its full rank [*in_dims, *features] (flax's own DenseGeneral
+  initialises a flattened 2-D kernel, which breaks rank-n logical sharding specs).
+  """
+  features: int | tuple[int, ...]
+  axes: tuple[str | None, ...]
+  bias_axes: tuple[str | None, ...] | None = None
+  n_in: int = 1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    in_dims = x.shape[x.ndim - self.n_in:]
+    kernel = self.param("kernel", param_init(default_kernel_init, self.axes), (*in_dims, *features), jnp.float32)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.n_in)
+    if self.use_bias:
+      bias_axes = tuple(self.axes[-len(features):]) if self.bias_axes is None else self.bias_axes
+      y = y + self.param("bias", param_init(nn.initializers.zeros_init(), bias_axes), features,
+                         jnp.float32).astype(self.dtype)
+    return y
+
+
+def dense(features, axes, name, use_bias=True, dtype=jnp.float32, n_in=1, bias_axes=None):
+  """A `DenseGeneral` whose kernel [*in, *features] and bias [*features] carry logical axis names.
 
   Args:
     features: int or tuple of output dims.
     axes: logical names of the kernel dims (contracted dims first, then `features`).
-    name: submodule name (the converter's mapping table depends on it).
+    name: submodule name (the converter's mapping table depends on it); None inside `setup`.
+    n_in: number of trailing input dims contracted (2 for an output projection over [heads, head_dim]).
     bias_axes: logical names of the bias dims; defaults to the trailing `len(features)` of `axes`.
   """
-  n_out = 1 if isinstance(features, int) else len(features)
-  bias_axes = tuple(axes[-n_out:]) if bias_axes is None else bias_axes
-  return nn.DenseGeneral(
-      features=features,
-      axis=in_axis,
-      use_bias=use_bias,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=param_init(default_kernel_init, axes),
-      bias_init=param_init(nn.initializers.zeros_init(), bias_axes),
-      name=name,
-  )
+  return DenseGeneral(features, tuple(axes), bias_axes, n_in, use_bias, dtype, name=name)
 
 
 class RMSNorm(nn.Module):

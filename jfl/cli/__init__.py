@@ -1,0 +1,1 @@
+"""Console scripts: argument parsing and error reporting around the library."""
