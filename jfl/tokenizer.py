@@ -9,6 +9,7 @@ PAD = "<｜▁pad▁｜>"
 IMAGE = "<image_placeholder>"
 BOI = "<begin_of_image>"
 EOI = "<end_of_image>"
+UNK = "<unk>"
 
 UNDERSTANDING_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual content "
@@ -61,6 +62,12 @@ def sft_prompt(messages: list[dict[str, str]], system: str = "") -> str:
   return text.strip()
 
 
+def understanding_prompt(question: str, answer: str = "") -> str:
+  """One image + question with the understanding system prompt; `answer` closes the turn with EOS."""
+  return sft_prompt([{"role": "User", "content": f"{IMAGE}\n{question}"}, {"role": "Assistant", "content": answer}],
+                    UNDERSTANDING_SYSTEM_PROMPT)
+
+
 def generation_prompt(prompt: str) -> str:
-  """Text-to-image prompt: empty system prompt, then <begin_of_image> (reference doc §6)."""
-  return sft_prompt([{"role": "User", "content": prompt}, {"role": "Assistant", "content": ""}]) + BOI
+  """Text-to-image prompt with the empty system prompt; callers append <begin_of_image> (§6)."""
+  return sft_prompt([{"role": "User", "content": prompt}, {"role": "Assistant", "content": ""}])

@@ -10,6 +10,7 @@ import pytest
 
 from tests import torch_refs  # noqa: F401  (torchvision shim; must precede transformers)
 from tests.torch_refs import randomize_, rel_err, state_dict_numpy
+from tests.reference_torch import TorchDecoder, TorchEncoder
 
 import torch  # noqa: E402
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps  # noqa: E402
@@ -26,92 +27,6 @@ D = 32          # LLM width (cond_dim)
 LATENT = 8      # latent spatial size -> 4x4 tokens
 repa_loss = jax.jit(_repa_loss)  # eager op-by-op dispatch is slow on CPU
 T = np.array([0.0, 33.25, 500.0, 966.7], np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# Torch reference, written from the reference definitions (uvit.py), NCHW like the original.
-# ---------------------------------------------------------------------------------------------
-
-class TorchGRN(torch.nn.Module):
-  def __init__(self, dim):
-    super().__init__()
-    self.weight = torch.nn.Parameter(torch.zeros(1, 1, 1, dim))
-    self.bias = torch.nn.Parameter(torch.zeros(1, 1, 1, dim))
-
-  def forward(self, x):  # NHWC
-    g = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
-    n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
-    return self.bias + x * (self.weight * n + 1)
-
-
-class TorchConvNext(torch.nn.Module):
-  def __init__(self, c, d, eps):
-    super().__init__()
-    self.depthwise = torch.nn.Conv2d(c, c, 7, padding=3, groups=c)
-    self.norm = LlamaRMSNorm(c, eps)
-    self.channelwise_linear_1 = torch.nn.Linear(c, 4 * c)
-    self.channelwise_act = torch.nn.GELU()
-    self.channelwise_norm = TorchGRN(4 * c)
-    self.channelwise_linear_2 = torch.nn.Linear(4 * c, c)
-    self.cond_embeds_mapper = torch.nn.Linear(d, 2 * c)
-
-  def forward(self, x, cond):
-    h = self.depthwise(x).permute(0, 2, 3, 1)
-    h = self.channelwise_linear_2(self.channelwise_norm(self.channelwise_act(self.channelwise_linear_1(self.norm(h)))))
-    h = h.permute(0, 3, 1, 2) + x
-    scale, shift = self.cond_embeds_mapper(torch.nn.functional.silu(cond)).chunk(2, dim=1)
-    return h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
-
-
-class TorchMid(torch.nn.Module):
-  def __init__(self, c, d, cfg):
-    super().__init__()
-    self.res_blocks = torch.nn.ModuleList([TorchConvNext(c, d, cfg.norm_eps) for _ in range(cfg.num_blocks)])
-
-  def forward(self, x, cond):
-    for blk in self.res_blocks:
-      x = blk(x, cond)
-    return x
-
-
-class TorchEncoder(torch.nn.Module):
-  def __init__(self, cfg, d):
-    super().__init__()
-    c = cfg.channels
-    self.time_proj = Timesteps(c, flip_sin_to_cos=True, downscale_freq_shift=0)
-    self.time_embed = TimestepEmbedding(c, d)
-    self.in_conv = torch.nn.Conv2d(cfg.latent_channels, c, cfg.patch_size, stride=cfg.patch_size, padding=0)
-    self.mid_block = TorchMid(c, d, cfg)
-
-  def forward(self, z, t):
-    t_emb = self.time_embed(self.time_proj(t).to(z.dtype))
-    return self.mid_block(self.in_conv(z), t_emb), t_emb
-
-
-class TorchUnpatchify(torch.nn.Module):
-  def __init__(self, c_in, c_out, p, eps):
-    super().__init__()
-    self.norm = LlamaRMSNorm(c_in, eps)
-    self.unpatch_conv = torch.nn.Conv2d(c_in, c_out * p * p, kernel_size=1)
-    self.pixel_shuffle = torch.nn.PixelShuffle(p)
-
-  def forward(self, x):
-    x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-    return self.pixel_shuffle(self.unpatch_conv(x))
-
-
-class TorchDecoder(torch.nn.Module):
-  def __init__(self, cfg, d):
-    super().__init__()
-    c = cfg.channels
-    self.mid_block = TorchMid(2 * c, d, cfg)
-    self.out_convs = torch.nn.ModuleList([TorchUnpatchify(2 * c, cfg.latent_channels, cfg.patch_size, cfg.norm_eps)])
-    self.input_norm = LlamaRMSNorm(c, cfg.norm_eps)
-
-  def forward(self, x, skip, t_emb):
-    x = self.input_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-    x = self.mid_block(torch.cat([x, skip], dim=1), t_emb)
-    return self.out_convs[0](x)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from jfl import checkpoint
 from jfl.cli.common import friendly_errors
 from jfl.convert import hf, mapping
+from jfl.models.config import VAEConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "processor_config.json", "preprocessor_config.json")
@@ -26,14 +27,13 @@ def main(argv=None):
   ap.add_argument("--out", required=True, help="output directory (Orbax checkpoint + config + tokenizer)")
   args = ap.parse_args(argv)
 
-  cfg = hf.config_from_hf(hf.read_json(os.path.join(args.model_dir, "config.json")))
-  with tqdm(total=len(mapping.janusflow_rules(cfg)), desc="JanusFlow tensors", unit="t") as bar:
-    cfg, params = hf.load_janusflow(args.model_dir, progress=bar.update)
-  vae_params = None
+  vae_cfg, vae_params = VAEConfig(), None
   if args.vae_dir:
     with tqdm(desc="VAE tensors", unit="t") as bar:
       vae_cfg, vae_params = hf.load_vae(args.vae_dir, progress=bar.update)
-    cfg = cfg.from_dict({**cfg.to_dict(), "vae": vae_cfg.__dict__})
+  cfg = hf.config_from_hf(hf.read_json(os.path.join(args.model_dir, "config.json")), vae_cfg)
+  with tqdm(total=len(mapping.janusflow_rules(cfg)), desc="JanusFlow tensors", unit="t") as bar:
+    cfg, params = hf.load_janusflow(args.model_dir, vae_cfg, progress=bar.update)
   checkpoint.save_converted(args.out, cfg, params, vae_params)
   for name in TOKENIZER_FILES:
     if os.path.isfile(os.path.join(args.model_dir, name)):

@@ -69,10 +69,14 @@ def read_torch_bin(path: str) -> dict[str, np.ndarray]:
   return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
 
 
+def require_dir(path: str) -> None:
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: not a directory")
+
+
 def read_state_dict(model_dir: str, weights_name: str = "model") -> dict[str, np.ndarray]:
   """All tensors of a checkpoint directory (single, sharded or .bin) as numpy arrays."""
-  if not os.path.isdir(model_dir):
-    raise CheckpointError(f"{model_dir}: not a directory")
+  require_dir(model_dir)
   single = os.path.join(model_dir, f"{weights_name}.safetensors")
   index = os.path.join(model_dir, f"{weights_name}.safetensors.index.json")
   binary = os.path.join(model_dir, "pytorch_model.bin")
@@ -231,6 +235,7 @@ def load_janusflow(model_dir: str, vae: VAEConfig = VAEConfig(),
                    progress: Callable[[], None] | None = None) -> tuple[JanusFlowConfig, dict]:
   """(config, float32 params) of a HF-layout JanusFlow directory; strict (see mapping.to_flax)."""
   from jfl.models import janusflow  # pylint: disable=g-import-not-at-top
+  require_dir(model_dir)
   config_path = os.path.join(model_dir, "config.json")
   cfg = config_from_hf(read_json(config_path), vae, config_path)
   state = read_state_dict(model_dir)
@@ -242,6 +247,7 @@ def load_janusflow(model_dir: str, vae: VAEConfig = VAEConfig(),
 def load_vae(vae_dir: str, progress: Callable[[], None] | None = None) -> tuple[VAEConfig, dict]:
   """(config, float32 params) of a diffusers-layout AutoencoderKL directory."""
   from jfl.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  require_dir(vae_dir)
   config_path = os.path.join(vae_dir, "config.json")
   cfg = vae_config_from_diffusers(read_json(config_path), config_path)
   state = mapping.rename_legacy_vae_keys(read_state_dict(vae_dir, "diffusion_pytorch_model"))

@@ -243,6 +243,7 @@ def to_flax(state: Mapping[str, np.ndarray], rules: Iterable[Rule],
   problems, flat, used = [], {}, set()
   for rule in rules:
     missing = [s for s in rule.sources() if s not in state]
+    used.update(s for s in rule.sources() if s in state)  # present layers are accounted for either way
     if missing:
       problems.append(f"missing tensor {missing[0]}" + (f" (+{len(missing) - 1} more layers)" if len(missing) > 1 else ""))
       continue
@@ -250,7 +251,6 @@ def to_flax(state: Mapping[str, np.ndarray], rules: Iterable[Rule],
     if bad:
       problems.append(f"tensor {bad[0]} has shape {_fmt(state[bad[0]].shape)}, expected {_fmt(rule.torch_shape)}")
       continue
-    used.update(rule.sources())
     if rule.dst not in target_shapes:
       problems.append(f"rule for {rule.src} targets unknown parameter {'/'.join(rule.dst)}")
       continue

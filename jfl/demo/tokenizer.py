@@ -13,21 +13,12 @@ exact whitespace does not). Special tokens are matched before pre-tokenization.
 import re
 
 from jfl.demo import shapes
+from jfl.tokenizer import BOI, BOS, EOI, EOS, PAD, UNK, generation_prompt, understanding_prompt  # noqa: F401
+from jfl.tokenizer import IMAGE as IMAGE_TAG
+from jfl.tokenizer import UNDERSTANDING_SYSTEM_PROMPT as SYSTEM_PROMPT
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-PAD = "<｜▁pad▁｜>"
-UNK = "<unk>"
-IMAGE_TAG = "<image_placeholder>"
-BOI = "<begin_of_image>"
-EOI = "<end_of_image>"
 BOG = "<｜begin▁of▁generation｜>"  # Janus's image_gen_tag; unused by the demo but reserved
 SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, UNK, IMAGE_TAG, BOI, EOI, BOG)
-
-SYSTEM_PROMPT = (
-    "You are a helpful language and vision assistant. You are able to understand the visual "
-    "content that the user provides, and assist the user with a variety of tasks using natural "
-    "language.")
 ROLES = ("User", "Assistant")
 
 # Keep in sync with the `tokenizers` Split pattern below (ASCII only).
@@ -41,28 +32,6 @@ def pieces(text: str) -> list[str]:
   for part in _SPECIAL_RE.split(text):
     out.extend([part] if part in SPECIAL_TOKENS else re.findall(_PIECE, part))
   return out
-
-
-# ----------------------------------------------------------------------------- chat template
-
-
-def sft_format(messages: list[tuple[str, str]], system: str = "") -> str:
-  """Janus's "DeepSeek" SFT template (JANUSFLOW.md §4.1) over (role, text) messages."""
-  prompt = system + "\n\n" if system else ""
-  for i, (role, msg) in enumerate(messages):
-    msg = msg.strip()
-    prompt += f"{role}: {msg}" + ("\n\n" if i % 2 == 0 else EOS) if msg else f"{role}:"
-  return prompt.strip()
-
-
-def understanding_prompt(question: str, answer: str = "") -> str:
-  """"{SYSTEM}\\n\\nUser: <image_placeholder>\\n{question}\\n\\nAssistant:" (+ " {answer}<eos>")."""
-  return sft_format([("User", f"{IMAGE_TAG}\n{question}"), ("Assistant", answer)], SYSTEM_PROMPT)
-
-
-def generation_prompt(caption: str) -> str:
-  """"User: {caption}\\n\\nAssistant:" (no system prompt); callers append BOI."""
-  return sft_format([("User", caption), ("Assistant", "")])
 
 
 # ----------------------------------------------------------------------------- vocabulary
