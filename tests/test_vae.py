@@ -141,3 +141,17 @@ def test_scaling_and_uint8():
     ref = want if arr is x else ((np.clip(np.asarray(arr, np.float32), -1, 1) + 1) / 2.0 * 255).astype(np.uint8)
     np.testing.assert_array_equal(np.asarray(got), ref)
   assert np.asarray(images_to_uint8(x))[0, 0, 0].tolist() == [0, 255, 127]
+
+
+def test_pixel_codec_is_an_exact_local_inverse():
+  """The demo's parameter-free codec: each f x f pixel block becomes one latent position."""
+  from jfl.models.vae import make_codec
+  cfg = VAEConfig(space_to_depth=2, latent_channels=12, scaling_factor=1.0)
+  codec = make_codec(cfg)
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+  z, _ = codec.apply({}, x, method=codec.encode)
+  assert z.shape == (2, 4, 4, 12)
+  np.testing.assert_array_equal(np.sort(np.asarray(z[1, 2, 3])), np.sort(x[1, 4:6, 6:8].reshape(-1)))
+  np.testing.assert_array_equal(codec.apply({}, z, method=codec.decode), x)
+  with pytest.raises(ValueError, match="latent_channels=12"):
+    VAEConfig(space_to_depth=2, latent_channels=4)

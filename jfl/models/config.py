@@ -76,10 +76,16 @@ class VAEConfig:
   norm_eps: float = 1e-6
   scaling_factor: float = 0.13025
   mid_block_attention: bool = True
+  space_to_depth: int = 0    # > 0: no autoencoder, a fixed pixel codec folding f x f pixels into channels
+
+  def __post_init__(self):
+    if self.space_to_depth and self.latent_channels != self.in_channels * self.space_to_depth ** 2:
+      raise ValueError(f"vae.space_to_depth={self.space_to_depth} needs latent_channels="
+                       f"{self.in_channels * self.space_to_depth ** 2}, got {self.latent_channels}")
 
   @property
   def downsample(self) -> int:
-    return 2 ** (len(self.block_out_channels) - 1)
+    return self.space_to_depth or 2 ** (len(self.block_out_channels) - 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jfl.models import layers
+from jfl.models.gen_heads import pixel_shuffle
 from jfl.models.config import VAEConfig
 
 Array = jax.Array
@@ -225,6 +226,33 @@ class AutoencoderKL(nn.Module):
     return self.decode(self.encode(x)[0])
 
 
+class PixelCodec(nn.Module):
+  """A parameter-free stand-in for the VAE: f x f pixel blocks folded into channels (demo, tests).
+
+  Same interface as `AutoencoderKL`: images [B,H,W,C] <-> latents [B,H/f,W/f,C*f*f], exactly invertible.
+  """
+  config: VAEConfig
+  dtype: Dtype = jnp.float32
+
+  def encode(self, x: Array) -> tuple[Array, Array]:
+    b, h, w, c = x.shape
+    f = self.config.space_to_depth
+    z = x.astype(jnp.float32).reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 5, 2, 4)
+    z = z.reshape(b, h // f, w // f, c * f * f)
+    return z, jnp.full_like(z, -30.0)
+
+  def decode(self, z: Array) -> Array:
+    return pixel_shuffle(z.astype(jnp.float32), self.config.space_to_depth)
+
+  def __call__(self, x: Array) -> Array:
+    return self.decode(self.encode(x)[0])
+
+
+def make_codec(config: VAEConfig, dtype: Dtype = jnp.float32) -> nn.Module:
+  """The latent codec a config names: the SDXL-style `AutoencoderKL`, or a `PixelCodec`."""
+  return PixelCodec(config, dtype) if config.space_to_depth else AutoencoderKL(config, dtype)
+
+
 def scale_latents(mean: Array, config: VAEConfig) -> Array:
   """Unscaled VAE latents [B,h,w,latent] -> the flow model's latent space (x scaling_factor)."""
   return mean * config.scaling_factor
@@ -244,4 +272,4 @@ def images_to_uint8(x: Array) -> Array:
 def abstract_params(config: VAEConfig) -> dict:
   """ShapeDtypeStructs of the VAE params (boxed with logical axis names), without allocating."""
   x = jax.ShapeDtypeStruct((1, 2 * config.downsample, 2 * config.downsample, config.in_channels), jnp.float32)
-  return jax.eval_shape(lambda x: AutoencoderKL(config).init(jax.random.key(0), x), x)["params"]
+  return jax.eval_shape(lambda x: make_codec(config).init(jax.random.key(0), x), x).get("params", {})
