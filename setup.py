@@ -14,8 +14,11 @@ setuptools.setup(
         "transformers>=4.46", "tokenizers>=0.20", "safetensors>=0.4", "numpy>=1.26",
         "pillow>=10", "tqdm>=4.66", "tensorboardX>=2.6", "matplotlib>=3.8",
     ],
+    extras_require={"parquet": ["pyarrow>=14"]},
     entry_points={"console_scripts": [
         "jfl-convert=jfl.cli.convert:main",
         "jfl-export=jfl.cli.convert:export_main",
+        "jfl-prepare=jfl.cli.prepare:main",
+        "jfl-cache-latents=jfl.cli.cache_latents:main",
     ]},
 )
