@@ -18,6 +18,9 @@ setuptools.setup(
     entry_points={"console_scripts": [
         "jfl-convert=jfl.cli.convert:main",
         "jfl-export=jfl.cli.convert:export_main",
+        "jfl-generate=jfl.cli.generate:main",
+        "jfl-chat=jfl.cli.chat:main",
+        "jfl-demo=jfl.demo.run:main",
         "jfl-prepare=jfl.cli.prepare:main",
         "jfl-cache-latents=jfl.cli.cache_latents:main",
     ]},
