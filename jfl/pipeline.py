@@ -32,7 +32,7 @@ class JanusFlowPipeline:
     self.config = config
     self.source = source
     self.params = params
-    self.vae_params = vae_params
+    self.vae_params = {} if vae_params is None and config.vae.space_to_depth else vae_params  # pixel codec
     self.tokenizer = tokenizer
     self.dtype = jnp.dtype(dtype)
     self.model = janusflow.JanusFlow(config, dtype=self.dtype)
@@ -173,8 +173,6 @@ class JanusFlowPipeline:
   # --- VAE -------------------------------------------------------------------------------------
 
   def _require_vae(self):
-    if self.config.vae.space_to_depth:  # the parameter-free pixel codec
-      self.vae_params = {}
     if self.vae_params is None:
       raise ValueError("no VAE loaded: pass vae_dir= to from_pretrained (e.g. a local stabilityai/sdxl-vae)")
 

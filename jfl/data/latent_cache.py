@@ -26,7 +26,7 @@ def make_encoder(config, params, vae_params, repa: bool = True, dtype: str = "fl
   """images float32 [B, H, W, 3] in [-1, 1] (B a multiple of the local device count) ->
   (scaled latents [B, h, w, c], SigLIP features [B, P, C] or None), numpy, data-parallel over local devices."""
   dt = jnp.dtype(dtype)
-  vae = vae_lib.AutoencoderKL(config.vae, dtype=dt)
+  vae = vae_lib.make_codec(config.vae, dtype=dt)
   tower = siglip_lib.SiglipEncoder(config.siglip, dtype=dt)
   mesh = jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.local_devices())

@@ -18,6 +18,10 @@ A source is named by a spec string `FORMAT:PATH[?key=value&...]` (PATH: a file, 
                                         files, no TensorFlow needed); image_key= (default image)
   text:/data/corpus/*.jsonl?text_key=text
                                         text-only JSONL documents
+  shapes:train?task=und&seed=0&n=8192&size=32
+                                        the embedded procedural shapes dataset (jfl/demo/shapes.py; PATH is
+                                        the split): task=und (the 3 questions as one multi-turn chat),
+                                        gen (caption pairs) or text (sentences)
 
 Relative image paths are resolved against image_root= (default: the directory of the first file).
 Every spec also accepts `weight=W` (relative weight among the sources of one data type, default 1).
@@ -27,6 +31,8 @@ are only detected when the pipeline (or jfl-prepare) decodes them.
 
 import collections
 import glob
+import io
+import itertools
 import json
 import os
 import tarfile
@@ -34,14 +40,16 @@ import threading
 import urllib.parse
 
 import numpy as np
+from PIL import Image
 
 from jfl import tokenizer as tok_lib
 from jfl.data import records
 
-FORMATS = ("arrayrecord", "llava", "pairs", "wds", "tfds", "text")
+FORMATS = ("arrayrecord", "llava", "pairs", "wds", "tfds", "text", "shapes")
 _OPTIONS = {
     "arrayrecord": (), "llava": ("image_root",), "pairs": ("image_root", "image_key", "caption_key"),
     "wds": ("caption_key",), "tfds": ("data_dir", "split", "image_key", "caption_key"), "text": ("text_key",),
+    "shapes": ("task", "seed", "n", "size"),
 }
 IMAGE_KEYS = ("image", "image_path", "path", "file_name")
 CAPTION_KEYS = ("caption", "text", "prompt", "captions/text")
@@ -87,6 +95,9 @@ def open_source(spec: str):
       raise ValueError(f"data source {spec!r}: tfds needs data_dir= (the directory the dataset was prepared in)")
     return TfdsSource(path, opts["data_dir"], opts.get("split", "train"), opts.get("image_key", "image"),
                       opts.get("caption_key"))
+  if fmt == "shapes":
+    return ShapesSource(path, opts.get("task", "und"), int(opts.get("seed", 0)), int(opts.get("n", 8192)),
+                        int(opts.get("size", 32)))
   if fmt == "wds":
     return WdsSource(_files(path, ("tar",)), opts.get("caption_key"))
   if fmt == "pairs":
@@ -435,3 +446,34 @@ class TfdsSource:
   def __setstate__(self, state):
     self.__dict__.update(state)
     self._source = self._open()
+
+
+_ORDERS = tuple(lambda c, o=o: [c[k] for k in o] for o in itertools.permutations(range(3)))
+
+
+class ShapesSource:
+  """The embedded shapes dataset as records: images PNG-encoded like any file source."""
+
+  def __init__(self, split: str, task: str, seed: int, n: int, size: int):
+    from jfl.demo import shapes  # pylint: disable=g-import-not-at-top
+    if task not in ("und", "gen", "text"):
+      raise ValueError(f"shapes source: task={task!r}, expected und, gen or text")
+    self.task = task
+    self.dataset = shapes.ShapesDataset(split, seed, n, size)
+
+  def __len__(self):
+    return len(self.dataset)
+
+  def __getitem__(self, i):
+    ex = self.dataset[i]
+    if self.task == "text":
+      return records.text(ex.text)
+    buf = io.BytesIO()
+    Image.fromarray(ex.image).save(buf, format="PNG")
+    if self.task == "gen":
+      return records.pair(buf.getvalue(), ex.caption)
+    (q0, a0), *rest = _ORDERS[i % len(_ORDERS)](ex.conversations)  # every question also asked first
+    messages = [{"role": "User", "content": f"{tok_lib.IMAGE}\n{q0}"}, {"role": "Assistant", "content": a0}]
+    for q, a in rest:
+      messages += [{"role": "User", "content": q}, {"role": "Assistant", "content": a}]
+    return records.conversation([buf.getvalue()], messages)
