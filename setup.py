@@ -18,6 +18,7 @@ setuptools.setup(
     entry_points={"console_scripts": [
         "jfl-convert=jfl.cli.convert:main",
         "jfl-export=jfl.cli.convert:export_main",
+        "jfl-train=jfl.cli.train:main",
         "jfl-generate=jfl.cli.generate:main",
         "jfl-chat=jfl.cli.chat:main",
         "jfl-demo=jfl.demo.run:main",
