@@ -123,7 +123,8 @@ def test_nonfinite_losses_in_a_row_stop_the_run(tmp_path, monkeypatch):
   assert [r["history"][s]["bad_steps"] for s in sorted(r["history"])] == [1, 2]
   assert int(r["state"].skipped) >= 2 and not os.path.isdir(os.path.join(tmp_path, "export"))
   # No update was applied: the EMA (which would lag behind any update) still equals the params.
-  for x, y in zip(jax.tree.leaves(jax.device_get(r["state"].params)), jax.tree.leaves(jax.device_get(r["state"].ema_params))):
+  state = jax.device_get(r["state"])
+  for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)):
     np.testing.assert_array_equal(x, y)
 
 

@@ -280,7 +280,8 @@ def _run(setup: Setup, config, workdir, ckpt, writer, step_callback) -> dict:
         host_batch = next(data_iter)
         bad = [k for k, v in shapes.items() if np.shape(host_batch.get(k)) != v]
         if bad:
-          raise ValueError(f"batch key {bad[0]}: shape {np.shape(host_batch.get(bad[0]))}, first batch {shapes[bad[0]]}")
+          got = np.shape(host_batch.get(bad[0]))
+          raise ValueError(f"batch key {bad[0]}: shape {got}, the first batch had {shapes[bad[0]]}")
       state, m = compiled(state, sharding.to_global(host_batch, batch_sh), vae_params)
       status = log_step(*pending) if pending else status    # the previous step's metrics: one step late
       pending = (step + 1, m)
