@@ -33,7 +33,7 @@ def get_config(arg: str | None = None):
   c.remat_policy = "none"
   c.mesh.data, c.mesh.fsdp = -1, 1
   c.optim.lr, c.optim.warmup_steps, c.optim.frozen = 1e-3, 100, ""   # from scratch: everything trains
-  c.loss.repa_layer, c.loss.ce_chunk, c.loss.t_dist = 2, 256, "logit_normal"
+  c.loss.ce_chunk = 256   # REPA taps model.repa.layer (2 of 4 blocks); --config.loss.repa_weight=0 turns it off
   c.train.num_steps, c.train.log_every, c.train.ema_decay = 600, 25, 0.99
   c.data.source = "grain"
   c.data.und_sources = "shapes:train?task=und&n=8192"
@@ -48,5 +48,5 @@ def get_config(arg: str | None = None):
   c.eval.num_steps, c.eval.cfg_weight, c.eval.max_new_tokens = 20, 3.0, 4
   c.export_at_end = True
   # What the demo evaluates after training (jfl/demo/run.py).
-  c.demo = dict(eval_examples=96, grid_examples=24, with_repa=True)
+  c.demo = dict(eval_examples=96, grid_examples=24)
   return c
