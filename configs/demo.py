@@ -34,7 +34,7 @@ def get_config(arg: str | None = None):
   c.mesh.data, c.mesh.fsdp = -1, 1
   c.optim.lr, c.optim.warmup_steps, c.optim.frozen = 1e-3, 100, ""   # from scratch: everything trains
   c.loss.ce_chunk = 256   # REPA taps model.repa.layer (2 of 4 blocks); --config.loss.repa_weight=0 turns it off
-  c.train.num_steps, c.train.log_every, c.train.ema_decay = 600, 25, 0.99
+  c.train.num_steps, c.train.log_every, c.train.ema_decay = 750, 25, 0.99
   c.data.source = "grain"
   c.data.und_sources = "shapes:train?task=und&n=8192"
   c.data.gen_sources = "shapes:train?task=gen&n=8192"
