@@ -1,6 +1,9 @@
-"""Learning curves of demo runs as PNG: each loss against steps, one line per run.
+"""Learning curves of demo runs as PNG: each loss and each held-out accuracy against steps, one line per run.
 
-  python -m jfl.demo.report out/demo out/demo_no_repa --labels "REPA,no REPA" --out docs/demo_losses.png
+  python -m jfl.demo.report out/demo out/demo_no_repa --labels "REPA,no REPA" --out docs/demo_curves.png
+
+Losses come from workdir/metrics.jsonl; accuracies from workdir/curves.jsonl, written when the demo
+ran with periodic scoring (`jfl-demo --config.eval.every=N`).
 """
 
 import argparse
@@ -12,27 +15,40 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-CURVES = (("ar_loss", "AR (understanding + text)"), ("rf_loss", "rectified flow"), ("repa_loss", "REPA"))
+LOSSES = (("ar_loss", "AR loss (understanding + text)"), ("rf_loss", "rectified-flow loss"),
+          ("repa_loss", "REPA loss (-cosine)"))
+ACCURACIES = (("understanding_acc", "understanding accuracy"), ("colour_acc", "generation colour accuracy"),
+              ("position_acc", "generation position accuracy"))
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
+def read_jsonl(workdir: str, name: str, required: bool = True) -> list[dict]:
+  path = os.path.join(workdir, name)
   if not os.path.isfile(path):
-    raise ValueError(f"{path}: no such file (is {workdir} a demo/training workdir?)")
+    if required:
+      raise ValueError(f"{path}: no such file (is {workdir} a demo/training workdir?)")
+    return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_losses(runs: dict[str, list[dict]], out: str) -> None:
-  fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
-  for ax, (key, title) in zip(axes, CURVES):
+def plot_curves(runs: dict[str, tuple[list[dict], list[dict]]], out: str) -> None:
+  """runs: label -> (metrics rows, accuracy rows). One panel per loss, then one per accuracy if any."""
+  panels = [(0, k, t) for k, t in LOSSES]
+  if any(acc for _, acc in runs.values()):
+    panels += [(1, k, t) for k, t in ACCURACIES]
+  cols = len(LOSSES)
+  fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(5 * cols, 3.6 * (-(-len(panels) // cols))),
+                           squeeze=False)
+  for ax, (source, key, title) in zip(axes.flat, panels):
     for label, rows in runs.items():
-      pts = [(r["step"], r[key]) for r in rows if key in r]
+      pts = [(r["step"], r[key]) for r in rows[source] if r.get(key) is not None]
       if pts:
-        ax.plot(*zip(*pts), label=label)
+        ax.plot(*zip(*pts), marker="o" if source else None, markersize=3, label=label)
     ax.set(title=title, xlabel="step")
+    if source:
+      ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-  axes[0].legend()
+  axes.flat[0].legend()
   fig.tight_layout()
   fig.savefig(out, dpi=110)
   plt.close(fig)
@@ -47,7 +63,9 @@ def main(argv=None):
   labels = args.labels.split(",") if args.labels else [os.path.basename(w.rstrip("/")) for w in args.workdirs]
   if len(labels) != len(args.workdirs):
     raise ValueError(f"{len(labels)} labels for {len(args.workdirs)} runs")
-  plot_losses({l: read_metrics(w) for l, w in zip(labels, args.workdirs)}, args.out)
+  runs = {l: (read_jsonl(w, "metrics.jsonl"), read_jsonl(w, "curves.jsonl", required=False))
+          for l, w in zip(labels, args.workdirs)}
+  plot_curves(runs, args.out)
   print(f"wrote {args.out}")
 
 

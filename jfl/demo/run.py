@@ -67,18 +67,47 @@ def sample_grid(arrays, captions, path: str, cols: int = 6, scale: int = 3) -> N
   grid.save(path)
 
 
+def score(pipe, examples, config) -> tuple[dict, list[str], list[np.ndarray]]:
+  """Held-out scores of `pipe`: (scores, answer lines, generated images)."""
+  und_acc, lines = score_understanding(pipe, examples)
+  gen, arrays = score_generation(pipe, examples, config.eval.num_steps, config.eval.cfg_weight)
+  scores = {"understanding_acc": und_acc, "colour_acc": gen["colour_acc"], "position_acc": gen["position_acc"],
+            "shape_acc": gen.get("shape_acc"), "held_out_examples": len(examples)}
+  return scores, lines, arrays
+
+
+def curve_eval(config, workdir: str):
+  """The loop's eval hook: scores the EMA weights on `demo.curve_examples` held-out examples and appends
+  {"step", scores...} to workdir/curves.jsonl (one pipeline, so nothing recompiles between calls)."""
+  from jfl import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  from jfl.pipeline import JanusFlowPipeline  # pylint: disable=g-import-not-at-top
+  from jfl.train import loop  # pylint: disable=g-import-not-at-top
+  examples = held_out(config.demo.curve_examples)
+  tokenizer = tok_lib.load_tokenizer(config.data.tokenizer)
+  pipe = None
+
+  def eval_fn(step: int, model_params, vae_params):
+    nonlocal pipe
+    if pipe is None:
+      pipe = JanusFlowPipeline(loop.model_config(config), model_params, vae_params, tokenizer)
+    pipe.params = model_params
+    scores, _, _ = score(pipe, examples, config)
+    with open(os.path.join(workdir, "curves.jsonl"), "a") as f:
+      f.write(json.dumps({"step": step, **scores}) + "\n")
+    print(f"\nstep {step}: understanding {scores['understanding_acc']:.1%} | generation colour "
+          f"{scores['colour_acc']:.1%} position {scores['position_acc']:.1%} ({len(examples)} held-out)", flush=True)
+  return eval_fn
+
+
 def evaluate_run(export_dir: str, workdir: str, config) -> dict:
   from jfl.pipeline import JanusFlowPipeline  # pylint: disable=g-import-not-at-top
   pipe = JanusFlowPipeline.from_pretrained(export_dir)
   examples = held_out(config.demo.eval_examples)
-  und_acc, lines = score_understanding(pipe, examples)
-  gen, arrays = score_generation(pipe, examples, config.eval.num_steps, config.eval.cfg_weight)
+  scores, lines, arrays = score(pipe, examples, config)
   k = config.demo.grid_examples
   sample_grid(arrays[:k], [ex.caption for ex in examples[:k]], os.path.join(workdir, "samples.png"))
   with open(os.path.join(workdir, "answers.txt"), "w") as f:
     f.write("\n".join(lines) + "\n")
-  scores = {"understanding_acc": und_acc, "colour_acc": gen["colour_acc"], "position_acc": gen["position_acc"],
-            "shape_acc": gen.get("shape_acc"), "held_out_examples": len(examples)}
   with open(os.path.join(workdir, "scores.json"), "w") as f:
     json.dump(scores, f, indent=2)
   return scores
@@ -91,7 +120,7 @@ def run(workdir: str, overrides: list[str]) -> dict:
   demo_tokenizer.build_tokenizer(tok_dir)
   config = config_utils.load_config(DEMO_CONFIG, [f"--config.data.tokenizer={tok_dir}", *overrides])
   start = time.time()
-  loop.train(config, workdir)
+  loop.train(config, workdir, eval_fn=curve_eval(config, workdir) if config.eval.every else None)
   train_s = time.time() - start
   export_dir = os.path.join(workdir, "export")
   demo_tokenizer.build_tokenizer(export_dir)

@@ -220,13 +220,15 @@ def _setup_logging():
     log.propagate = False
 
 
-def train(config, workdir: str, step_callback=None) -> dict:
+def train(config, workdir: str, step_callback=None, eval_fn=None) -> dict:
   """Trains `config` in `workdir` (resuming from its newest checkpoint).
 
   Args:
     config: a training ConfigDict (configs/common.py).
     workdir: output directory.
     step_callback: optional `f(step, metrics)` called on the host after each step's metrics arrive.
+    eval_fn: optional `f(step, model_params, vae_params)` run every `config.eval.every` steps with the
+      EMA weights (default: `jfl.train.evaluate.run_eval`'s samples and answers under workdir/eval).
   Returns:
     {"state": final TrainState, "history": {step: metrics dict}, "status": "done" | "preempted" |
      "diverged"}.
@@ -241,7 +243,8 @@ def train(config, workdir: str, step_callback=None) -> dict:
   writer = metrics_lib.Writer(workdir, config.train.num_steps)
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
     try:
-      return _run(setup, config, workdir, ckpt, writer, step_callback)
+      eval_fn = eval_fn or _default_eval(setup, config, workdir)
+      return _run(setup, config, workdir, ckpt, writer, step_callback, eval_fn)
     finally:
       ckpt.close()
       writer.close()
@@ -262,7 +265,7 @@ def _start(setup: Setup, config, ckpt):
   return state, make_vae_params(setup, config, vae), data_iter
 
 
-def _run(setup: Setup, config, workdir, ckpt, writer, step_callback) -> dict:
+def _run(setup: Setup, config, workdir, ckpt, writer, step_callback, eval_fn) -> dict:
   state, vae_params, data_iter = _start(setup, config, ckpt)
   start, total = int(jax.device_get(state.step)), int(config.train.num_steps)
   if start >= total:
@@ -288,7 +291,7 @@ def _run(setup: Setup, config, workdir, ckpt, writer, step_callback) -> dict:
       if status != "done":
         break
       if config.eval.every and (step + 1) % config.eval.every == 0:
-        _eval(setup, config, workdir, state, vae_params, step + 1)
+        eval_fn(step + 1, state.ema_params["model"], vae_params)
       ckpt.save(step + 1, state, data_iter)
       if stop.requested or ckpt.reached_preemption(step + 1):
         status = "preempted"
@@ -336,10 +339,11 @@ class _Logger:
     return "done"
 
 
-def _eval(setup: Setup, config, workdir, state, vae_params, step: int):
-  tok = None
-  if config.data.tokenizer:
-    from jfl import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-    tok = tok_lib.load_tokenizer(config.data.tokenizer)
-  evaluate.run_eval(config, step, setup.cfg, state.ema_params["model"], vae_params, tok,
-                    os.path.join(workdir, "eval"))
+def _default_eval(setup: Setup, config, workdir):
+  def eval_fn(step: int, model_params, vae_params):
+    tok = None
+    if config.data.tokenizer:
+      from jfl import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+      tok = tok_lib.load_tokenizer(config.data.tokenizer)
+    evaluate.run_eval(config, step, setup.cfg, model_params, vae_params, tok, os.path.join(workdir, "eval"))
+  return eval_fn
