@@ -50,7 +50,7 @@ def base(arch: JanusFlowConfig = JanusFlowConfig()) -> ml_collections.ConfigDict
   c.jax_cache_dir = ""
   c.optim = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=2000, b1=0.9, b2=0.95, eps=1e-8,
                                            weight_decay=0.0, clip_norm=1.0, frozen=SIGLIP))
-  c.loss = ml_collections.ConfigDict(dict(t_dist="logit_normal", t_mean=0.0, t_std=1.0, cfg_drop=0.1,
+  c.loss = ml_collections.ConfigDict(dict(t_dist="logit_normal", t_mean=0.0, t_std=1.0, cfg_drop=0.1, ar_weight=1.0,
                                           repa_weight=1.0, repa_layer=0, vae_sample=False, ce_chunk=512))
   c.train = ml_collections.ConfigDict(dict(num_steps=1000, accum_steps=1, ema_decay=0.99, max_bad_steps=10,
                                            log_every=10))

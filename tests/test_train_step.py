@@ -274,3 +274,11 @@ def test_packed_sequence_equals_examples_run_separately():
     if not dropped:
       rf_cond = float(ps["rf"][gen_row, 0])
   assert abs(float(ps["rf"][gen_row, 0]) - rf_cond) > 1e-6  # dropping the prompt changes the prediction
+
+
+def test_total_loss_weights_each_term():
+  sums = {"ar_und": 3.0, "ar_text": 1.0, "rf": 3.0, "repa": -1.0}
+  denom = {"ar": 4.0, "gen": 2.0}
+  for ar_w, repa_w in ((1.0, 1.0), (0.1, 1.0), (1.0, 0.0)):
+    got = losses.total_loss(sums, denom, losses.LossSettings(ar_weight=ar_w, repa_weight=repa_w))
+    np.testing.assert_allclose(got, ar_w * 4.0 / 4.0 + (3.0 - repa_w) / 2.0, rtol=1e-6)

@@ -35,6 +35,7 @@ class LossSettings:
   t_mean: float = 0.0              # logit-normal location m
   t_std: float = 1.0               # logit-normal scale s
   cfg_drop: float = 0.1            # probability of dropping a generation prompt
+  ar_weight: float = 1.0           # weight of L_AR against L_RF (the paper: 1)
   repa_weight: float = 1.0         # lambda in L_RF + lambda * L_REPA
   repa_layer: int = 0              # LLM blocks before the REPA tap; 0 = the architecture's repa.layer
   vae_sample: bool = False         # sample the VAE posterior instead of taking its mean
@@ -221,10 +222,10 @@ def counts(batch: dict) -> dict:
 
 
 def total_loss(sums: dict, denom: dict, s: LossSettings) -> Array:
-  """L_AR (token mean) + L_RF + lambda L_REPA (example means) with whole-batch denominators."""
+  """w_AR L_AR (token mean) + L_RF + lambda L_REPA (example means) with whole-batch denominators."""
   ar = (sums["ar_und"] + sums["ar_text"]) / jnp.maximum(denom["ar"], 1.0)
   gen = (sums["rf"] + s.repa_weight * sums["repa"]) / jnp.maximum(denom["gen"], 1.0)
-  return ar + gen
+  return s.ar_weight * ar + gen
 
 
 def summarize(sums: dict) -> dict:
