@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 LOSSES = (("ar_loss", "AR loss (understanding + text)"), ("rf_loss", "rectified-flow loss"),
           ("repa_loss", "REPA loss (-cosine)"))
+# A loss is only plotted at steps whose batch had tokens/examples for it (a schedule can leave a task out).
+SUPPORT = {"ar_loss": ("und_tokens", "text_tokens"), "rf_loss": ("gen_examples",), "repa_loss": ("gen_examples",)}
 ACCURACIES = (("understanding_acc", "understanding accuracy"), ("colour_acc", "generation colour accuracy"),
               ("position_acc", "generation position accuracy"))
 
@@ -41,7 +43,8 @@ def plot_curves(runs: dict[str, tuple[list[dict], list[dict]]], out: str) -> Non
                            squeeze=False)
   for ax, (source, key, title) in zip(axes.flat, panels):
     for label, rows in runs.items():
-      pts = [(r["step"], r[key]) for r in rows[source] if r.get(key) is not None]
+      pts = [(r["step"], r[key]) for r in rows[source]
+             if r.get(key) is not None and (source or sum(r.get(c, 1) for c in SUPPORT[key]) > 0)]
       if pts:
         ax.plot(*zip(*pts), marker="o" if source else None, markersize=3, label=label)
     ax.set(title=title, xlabel="step")
