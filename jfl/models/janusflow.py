@@ -74,12 +74,10 @@ class JanusFlow(nn.Module):
     """
     chex.assert_rank([input_ids, images, images_seq_mask, images_emb_mask], [2, 5, 2, 3])
     embeds = self.llm.embed(jnp.maximum(input_ids, 0))
-    slots = self.embed_images(images).astype(embeds.dtype)                   # [B, n*(1+P), D]
+    slots = self.embed_images(images)                                        # [B, n*(1+P), D]
     valid = images_emb_mask.reshape(images_emb_mask.shape[0], -1)
-    order = jnp.argsort(~valid, axis=1, stable=True)                         # valid slots first, in order
-    rank = jnp.clip(jnp.cumsum(images_seq_mask, axis=1) - 1, 0, valid.shape[1] - 1)
-    gathered = jnp.take_along_axis(slots, jnp.take_along_axis(order, rank, axis=1)[..., None], axis=1)
-    return jnp.where(images_seq_mask[..., None], gathered, embeds)
+    order = slot_order(valid, valid.shape[1])                                # valid slots first, in order
+    return scatter_slots(embeds, jnp.take_along_axis(slots, order[..., None], axis=1), images_seq_mask)
 
   def logits(self, hidden: Array) -> Array:
     """[B, L, D] -> float32 [B, L, V]."""
@@ -142,6 +140,19 @@ class JanusFlow(nn.Module):
                                                                  jnp.arange(input_ids.shape[1])))
     v, _ = self.velocity(embeds[:, :2], jnp.ones((input_ids.shape[0], 2), bool), z, t)
     return self.logits(hidden), v
+
+
+def slot_order(mask: Array, count: int) -> Array:
+  """int [B, count]: indices of the first `count` True positions of each row of bool [B, S]
+  (in order; rows with fewer Trues continue with False positions, callers mask those)."""
+  return jnp.argsort(~mask, axis=1, stable=True)[:, :count]
+
+
+def scatter_slots(embeds: Array, slots: Array, seq_mask: Array) -> Array:
+  """Writes the g-th of the `slots` [B, G, D] at the g-th True position of `seq_mask` [B, S]."""
+  rank = jnp.clip(jnp.cumsum(seq_mask, axis=1) - 1, 0, slots.shape[1] - 1)
+  gathered = jnp.take_along_axis(slots, rank[..., None], axis=1)
+  return jnp.where(seq_mask[..., None], gathered.astype(embeds.dtype), embeds)
 
 
 def dummy_inputs(cfg: JanusFlowConfig, batch: int = 1):

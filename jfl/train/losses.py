@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jfl import batch as batch_lib
 from jfl.models import llama, repa as repa_lib, vae as vae_lib
+from jfl.models.janusflow import scatter_slots, slot_order
 from jfl.models.config import JanusFlowConfig
 
 Array = jax.Array
@@ -101,19 +102,6 @@ def token_nll(logits_fn, hidden: Array, targets: Array, chunk: int) -> Array:
 
   nll = jax.lax.map(lambda xs: one(*xs), (h, t))                                      # [n, B, c]
   return nll.swapaxes(0, 1).reshape(b, n * c)[:, :s]
-
-
-def slot_order(mask: Array, count: int) -> Array:
-  """int [B, count]: indices of the first `count` True positions of each row of bool [B, S]
-  (in order; rows with fewer Trues continue with False positions, callers mask those)."""
-  return jnp.argsort(~mask, axis=1, stable=True)[:, :count]
-
-
-def scatter_slots(embeds: Array, slots: Array, seq_mask: Array) -> Array:
-  """Writes the g-th of the `slots` [B, G, D] at the g-th True position of `seq_mask` [B, S]."""
-  rank = jnp.clip(jnp.cumsum(seq_mask, axis=1) - 1, 0, slots.shape[1] - 1)
-  gathered = jnp.take_along_axis(slots, rank[..., None], axis=1)
-  return jnp.where(seq_mask[..., None], gathered.astype(embeds.dtype), embeds)
 
 
 def _gen_inputs(mods: Modules, params, vae_params, batch: dict, order: Array, key: Array, s: LossSettings):
