@@ -152,24 +152,20 @@ def lower_only(setup, config, compile_too=False):
     x = jax.ShapeDtypeStruct((1, setup.cfg.image_size, setup.cfg.image_size, 3), jax.numpy.float32)
     vae = jax.eval_shape(lambda x: nn.meta.unbox(setup.vae.init(jax.random.key(0), x)).get("params", {}), x)
     fn = step_lib.jit_train_step(setup.settings, setup.layout.shardings, batch_sh, setup.vae_shardings, setup.mesh)
-    t0 = time.time()
+    t_lower = time.time()
     lowered = fn.lower(sharding.abstract_with_shardings(setup.layout.abstract, setup.layout.shardings),
                        sharding.abstract_with_shardings(batch, batch_sh),
                        sharding.abstract_with_shardings(vae, setup.vae_shardings))
+    lower_s = time.time() - t_lower
   if compile_too:
     t0 = time.time()
     compiled = lowered.compile()
     print(f"compiled in {time.time() - t0:.1f}s", flush=True)
     _print_memory(compiled.memory_analysis())
   n = sum(x.size for x in jax.tree.leaves(setup.layout.abstract.params))
-  shape = metrics.StepShape(config.data.batch_size, config.data.seq_len, *pipeline.image_slots(config),
-                            llm_trains="model/llm" not in config.optim.frozen,
-                            siglip_trains="model/siglip" not in config.optim.frozen,
-                            vae_in_step=not config.data.cached_latents,
-                            repa_target_in_step=not (config.data.cached_latents and config.data.cached_repa))
-  parts = metrics.step_flops(setup.cfg, shape, setup.layout.abstract.params["model"])
+  parts = metrics.step_flops(setup.cfg, setup.step_shape(), setup.layout.abstract.params["model"])
   out = {"params": n, **{f"tflops_{k}": v / 1e12 for k, v in parts.items()}}
-  print(f"lowered in {time.time() - t0:.1f}s: {n / 1e9:.3f}B params; model TFLOP/step: "
+  print(f"lowered in {lower_s:.1f}s: {n / 1e9:.3f}B params; model TFLOP/step: "
         + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in parts.items()))
   return out
 

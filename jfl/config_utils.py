@@ -38,6 +38,12 @@ def load_config(config: str, overrides: list[str] = ()) -> ml_collections.Config
   return fv.config
 
 
+def split_list(value) -> list[str]:
+  """A ';'-separated config field ("a; b;") or a sequence -> its non-empty, stripped items."""
+  items = value.split(";") if isinstance(value, str) else list(value)
+  return [s.strip() for s in items if s and s.strip()]
+
+
 def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
   """Separates `--config.*` overrides from the other command-line arguments."""
   overrides = [a for a in argv if a.startswith("--config.")]

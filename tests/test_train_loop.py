@@ -139,8 +139,8 @@ def test_eval_hook_writes_samples_and_answers(uninterrupted, tmp_path):
   cfg = loop.model_config(config)
   vae = _params()[1]
   params = jax.device_get(a["state"].ema_params["model"])
-  assert evaluate.run_eval(config, 7, cfg, params, vae, None, str(tmp_path / "eval")) is None  # no tokenizer
-  out = evaluate.run_eval(config, 7, cfg, params, vae, tok, str(tmp_path / "eval"))
+  assert evaluate.Evaluator(config, cfg, None, str(tmp_path / "eval"))(7, params, vae) is None  # no tokenizer
+  out = evaluate.Evaluator(config, cfg, tok, str(tmp_path / "eval"))(7, params, vae)
   with Image.open(out["images"]) as grid:
     assert grid.size == (2 * cfg.image_size, cfg.image_size)  # one image per prompt
   assert len(out["answers"]) == 1

@@ -40,6 +40,7 @@ import ml_collections
 
 from jfl import batch as batch_lib
 from jfl import tokenizer as tok_lib
+from jfl.config_utils import split_list
 from jfl.data import packing, sources, transforms
 from jfl.models.config import JanusFlowConfig
 
@@ -101,11 +102,6 @@ def batch_spec(config, batch_size: int | None = None) -> dict:
   return out
 
 
-def _specs(value) -> list[str]:
-  items = value.split(";") if isinstance(value, str) else list(value)
-  return [s.strip() for s in items if s and s.strip()]
-
-
 def _type_dataset(t: str, specs: list[str], prep, d, process_index: int, process_count: int) -> grain.IterDataset:
   """One data type's examples: each source sharded, shuffled, repeated, preprocessed; mixed by weight."""
   its, weights = [], []
@@ -155,7 +151,7 @@ def make_train_iterator(config, tokenizer, process_index: int = 0, process_count
   spec = transforms.ExampleSpec(d.seq_len, arch.image_size, p, nu, d.caption_prompt, bool(latent), latent, repa)
   parents = {}
   for t in transforms.DATA_TYPES:
-    specs = _specs(d[f"{t}_sources"])
+    specs = split_list(d[f"{t}_sources"])
     if specs:
       parents[t] = _type_dataset(t, specs, transforms.Preprocess(t, tokenizer, spec), d, process_index, process_count)
   pad = tok_lib.special_ids(tokenizer).pad

@@ -24,15 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jfl import batch as batch_lib, checkpoint as converted, sharding
+from jfl.config_utils import split_list
 from jfl.models.config import JanusFlowConfig
 from jfl.train import checkpoint as ckpt_lib, evaluate, losses, metrics as metrics_lib, optim, state as state_lib
 from jfl.train import step as step_lib
 
 log = logging.getLogger("jfl.train")
-
-
-def _prefixes(value: str) -> tuple[str, ...]:
-  return tuple(s.strip() for s in str(value).split(";") if s.strip())
 
 
 def model_config(config) -> JanusFlowConfig:
@@ -72,8 +69,8 @@ class Setup:
     dtype, vae_dtype = jnp.dtype(config.compute_dtype), jnp.dtype(config.vae_dtype)
     self.model, self.projector, self.vae = state_lib.build_modules(self.cfg, dtype, config.remat_policy, vae_dtype)
     abstract = nn.meta.unbox(jax.eval_shape(lambda: state_lib.init_params_boxed(self.cfg, jax.random.key(0))))
-    self.flops = self._step_flops(abstract["model"])
-    self.labels = optim.param_labels(abstract, _prefixes(config.optim.frozen))
+    self.flops = metrics_lib.step_flops(self.cfg, self.step_shape(), abstract["model"])["total"]
+    self.labels = optim.param_labels(abstract, tuple(split_list(config.optim.frozen)))
     self.optimizer = optim.make_optimizer(config.optim, self.labels)
     self.layout = state_lib.state_layout(self.cfg, self.optimizer, self.mesh, self.rules)
     x = jax.ShapeDtypeStruct((1, self.cfg.image_size, self.cfg.image_size, 3), jnp.float32)
@@ -110,16 +107,16 @@ class Setup:
       self._compiled[key] = (compiled, batch_sh)
     return self._compiled[key]
 
-  def _step_flops(self, model_params) -> float:
+  def step_shape(self) -> metrics_lib.StepShape:
+    """What the analytic FLOP count needs to know about this config's step."""
     from jfl.data import pipeline  # pylint: disable=g-import-not-at-top
-    c, frozen = self.config, _prefixes(self.config.optim.frozen)
+    c, frozen = self.config, tuple(split_list(self.config.optim.frozen))
     nu, ng = pipeline.image_slots(c)
-    shape = metrics_lib.StepShape(
+    return metrics_lib.StepShape(
         batch_size=c.data.batch_size, seq_len=c.data.seq_len, num_und=nu, num_gen=ng,
         llm_trains="model/llm" not in frozen and "model" not in frozen,
         siglip_trains="model/siglip" not in frozen and "model" not in frozen,
         vae_in_step=not c.data.cached_latents, repa_target_in_step=not (c.data.cached_latents and c.data.cached_repa))
-    return metrics_lib.step_flops(self.cfg, shape, model_params)["total"]
 
 
 _SETUPS: dict[str, Setup] = {}
@@ -148,7 +145,7 @@ def initial_params(setup: Setup, config):
   if ckpt_cfg.llm != setup.cfg.llm or ckpt_cfg.siglip != setup.cfg.siglip or ckpt_cfg.gen != setup.cfg.gen:
     raise ValueError(f"init_from {config.init_from}: its architecture differs from config.model")
   loaded = {"model": model_params, "repa": ckpt_lib.load_repa(config.init_from)}
-  reinit = _prefixes(config.init_reinit)
+  reinit = tuple(split_list(config.init_reinit))
   # Random values only where needed (re-initialised parts, a missing REPA projector).
   random = setup.init_params(config.seed) if reinit or loaded["repa"] is None else None
   shapes = setup.layout.abstract.params
@@ -157,7 +154,7 @@ def initial_params(setup: Setup, config):
 
   def pick(path, shape, sh):
     p = optim.path_str(path)
-    if any(p == f or p.startswith(f + "/") for f in reinit) or (p.startswith("repa/") and loaded["repa"] is None):
+    if any(optim.matches_prefix(p, f) for f in reinit) or (p.startswith("repa/") and loaded["repa"] is None):
       return _leaf(random, path)
     node = loaded
     for k in p.split("/"):
@@ -228,7 +225,7 @@ def train(config, workdir: str, step_callback=None, eval_fn=None) -> dict:
     workdir: output directory.
     step_callback: optional `f(step, metrics)` called on the host after each step's metrics arrive.
     eval_fn: optional `f(step, model_params, vae_params)` run every `config.eval.every` steps with the
-      EMA weights (default: `jfl.train.evaluate.run_eval`'s samples and answers under workdir/eval).
+      EMA weights (default: `jfl.train.evaluate.Evaluator`'s samples and answers under workdir/eval).
   Returns:
     {"state": final TrainState, "history": {step: metrics dict}, "status": "done" | "preempted" |
      "diverged"}.
@@ -339,11 +336,9 @@ class _Logger:
     return "done"
 
 
-def _default_eval(setup: Setup, config, workdir):
-  def eval_fn(step: int, model_params, vae_params):
-    tok = None
-    if config.data.tokenizer:
-      from jfl import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-      tok = tok_lib.load_tokenizer(config.data.tokenizer)
-    evaluate.run_eval(config, step, setup.cfg, model_params, vae_params, tok, os.path.join(workdir, "eval"))
-  return eval_fn
+def _default_eval(setup: Setup, config, workdir) -> evaluate.Evaluator:
+  tok = None
+  if config.eval.every and config.data.tokenizer:
+    from jfl import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+    tok = tok_lib.load_tokenizer(config.data.tokenizer)
+  return evaluate.Evaluator(config, setup.cfg, tok, os.path.join(workdir, "eval"))

@@ -17,7 +17,8 @@ def path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def _matches(path: str, prefix: str) -> bool:
+def matches_prefix(path: str, prefix: str) -> bool:
+  """True when `prefix` names `path` or one of its parent groups (whole path components)."""
   return path == prefix or path.startswith(prefix.rstrip("/") + "/")
 
 
@@ -25,11 +26,11 @@ def param_labels(params, frozen: tuple[str, ...]):
   """Tree of TRAIN / FROZEN strings matching `params`; ValueError for a prefix that matches nothing."""
   paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   for prefix in frozen:
-    if not any(_matches(p, prefix) for p in paths):
+    if not any(matches_prefix(p, prefix) for p in paths):
       tops = sorted({"/".join(p.split("/")[:2]) for p in paths})
       raise ValueError(f"optim.frozen: {prefix!r} matches no parameter; top-level groups: {', '.join(tops)}")
   return jax.tree_util.tree_map_with_path(
-      lambda p, _: FROZEN if any(_matches(path_str(p), f) for f in frozen) else TRAIN, params)
+      lambda p, _: FROZEN if any(matches_prefix(path_str(p), f) for f in frozen) else TRAIN, params)
 
 
 def schedule(optim_config) -> optax.Schedule:
